@@ -1,0 +1,37 @@
+"""honelm: post-training for language models.
+
+The names exported here are the stable API (see STABILITY.md). They are listed
+explicitly and imported lazily, so ``import honelm`` stays fast: nothing heavy
+(torch, transformers) is imported until a name that needs it is used.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
+
+from .version import __version__
+
+# name -> module that defines it. Every stable export is listed here once.
+_EXPORTS: dict[str, str] = {
+    "ExperimentalWarning": "honelm.stability",
+}
+
+__all__ = ["__version__", *sorted(_EXPORTS)]
+
+
+def __getattr__(name: str) -> Any:
+    module_name = _EXPORTS.get(name)
+    if module_name is None:
+        raise AttributeError(f"module 'honelm' has no attribute {name!r}")
+    value = getattr(importlib.import_module(module_name), name)
+    globals()[name] = value  # cache: later lookups skip __getattr__
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(__all__))
+
+
+if TYPE_CHECKING:  # pragma: no cover - for static analysers only
+    from .stability import ExperimentalWarning
