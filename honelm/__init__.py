@@ -15,6 +15,8 @@ from .version import __version__
 # name -> module that defines it. Every stable export is listed here once.
 _EXPORTS: dict[str, str] = {
     "ExperimentalWarning": "honelm.stability",
+    "SFTConfig": "honelm.methods.sft",
+    "SFTTrainer": "honelm.methods.sft",
 }
 
 __all__ = ["__version__", *sorted(_EXPORTS)]
@@ -34,4 +36,5 @@ def __dir__() -> list[str]:
 
 
 if TYPE_CHECKING:  # pragma: no cover - for static analysers only
+    from .methods.sft import SFTConfig, SFTTrainer
     from .stability import ExperimentalWarning
