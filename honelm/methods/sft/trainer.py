@@ -253,7 +253,8 @@ class SFTTrainer(Trainer):
 
     def _save(self, output_dir: str | None = None, state_dict: Any = None) -> None:
         super()._save(output_dir, state_dict)
-        _write_model_card(output_dir or self.args.output_dir, self.model, self._dataset_name, self.args)
+        if self.args.should_save:  # only the process that writes files; others may run ahead
+            _write_model_card(output_dir or self.args.output_dir, self.model, self._dataset_name, self.args)
 
 
 # ---- helpers --------------------------------------------------------------------------------
