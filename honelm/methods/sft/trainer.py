@@ -296,6 +296,10 @@ def _wrap_peft(model: Any, peft_config: Any, args: SFTConfig) -> Any:
         from peft import get_peft_model
     except ImportError as e:  # pragma: no cover - peft is a dev dependency
         raise ImportError("SFTTrainer(peft_config=...) needs peft: pip install 'honelm[peft]'.") from e
+    if getattr(model, "is_loaded_in_4bit", False) or getattr(model, "is_loaded_in_8bit", False):
+        from peft import prepare_model_for_kbit_training  # QLoRA
+
+        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=bool(args.gradient_checkpointing))
     if args.gradient_checkpointing and hasattr(model, "enable_input_require_grads"):
         model.enable_input_require_grads()  # frozen embeddings would cut the checkpointed graph
     return get_peft_model(model, peft_config)
