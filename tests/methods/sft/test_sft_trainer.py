@@ -330,3 +330,83 @@ def test_log_history_is_json_serializable(tmp_path):
     trainer = SFTTrainer(model, _config(tmp_path, max_steps=2), train_dataset=arithmetic_dataset(n=16), processing_class=tok)
     trainer.train()
     json.dumps(trainer.state.log_history)
+
+
+def test_activation_offloading_gives_the_same_loss_and_gradients(tmp_path):
+    plain, plain_grads, _ = _full_batch_loss_and_grads(tmp_path)
+    model, tok = tiny_model(seed=3)
+    data = Dataset.from_dict({"text": [f"Sentence number {i} is " + "very " * i + "long." for i in range(6)]})
+    args = _config(tmp_path, per_device_train_batch_size=6, max_length=64, activation_offloading=True)
+    trainer = SFTTrainer(model, args, train_dataset=data, processing_class=tok)
+    batch = trainer.data_collator([trainer.train_dataset[i] for i in range(6)])
+    with trainer.compute_loss_context_manager():
+        loss = trainer.compute_loss(model, batch)
+    loss.backward()
+    torch.testing.assert_close(loss.detach(), plain)
+    for name, param in model.named_parameters():
+        torch.testing.assert_close(param.grad, plain_grads[name], msg=name)
+
+
+def test_skip_prepare_dataset_uses_tokenized_rows_as_given(tmp_path):
+    model, tok = tiny_model()
+    ids = tok("What is 2 + 2? 4", add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
+    mask = [0] * (len(ids) - 2) + [1, 1]
+    data = Dataset.from_dict({"input_ids": [ids] * 4, "completion_mask": [mask] * 4})
+    args = _config(tmp_path, max_steps=10, dataset_kwargs={"skip_prepare_dataset": True})
+    trainer = SFTTrainer(model, args, train_dataset=data, processing_class=tok)
+    assert trainer.train_dataset is data
+    batch = trainer.data_collator([data[0]])
+    assert (batch["labels"][0] != -100).sum() == 2  # completion_only_loss from the mask
+    trainer.train()
+    assert _losses(trainer)[-1] < _losses(trainer)[0]
+
+
+def test_formatting_func_builds_text_from_other_columns(tmp_path):
+    model, tok = tiny_model()
+    data = Dataset.from_dict({"question": ["What is 1 + 1?", "What is 2 + 3?"], "answer": ["2", "5"]})
+    args = _config(tmp_path, max_steps=1)
+    trainer = SFTTrainer(
+        model, args, train_dataset=data, processing_class=tok,
+        formatting_func=lambda row: f"Q: {row['question']} A: {row['answer']}",
+    )
+    assert tok.decode(trainer.train_dataset[0]["input_ids"]) == "Q: What is 1 + 1? A: 2<|im_end|>"
+    trainer.train()
+
+
+def test_iterable_dataset_trains(tmp_path):
+    model, tok = tiny_model()
+    stream = arithmetic_dataset(n=64).to_iterable_dataset()
+    trainer = SFTTrainer(model, _config(tmp_path, max_steps=12), train_dataset=stream, processing_class=tok)
+    trainer.train()
+    assert trainer.state.global_step == 12 and _losses(trainer)[-1] < _losses(trainer)[0]
+
+
+def test_chat_template_path_replaces_the_template_and_is_saved(tmp_path):
+    model, _ = tiny_model()
+    from honelm.testing import tiny_tokenizer
+
+    tok = tiny_tokenizer(chat_template=False)
+    template = tmp_path / "template.jinja"
+    template.write_text(
+        "{% for m in messages %}{{ m['role'] }}: {% if m['role'] == 'assistant' %}{% generation %}"
+        "{{ m['content'] }}<|im_end|>{% endgeneration %}{% else %}{{ m['content'] }}\n{% endif %}{% endfor %}"
+    )
+    args = _config(tmp_path, max_steps=1, chat_template_path=str(template), assistant_only_loss=True)
+    trainer = SFTTrainer(model, args, train_dataset=_conversations(), processing_class=tok)
+    row = trainer.train_dataset[0]
+    trained = tok.decode([i for i, m in zip(row["input_ids"], row["assistant_masks"]) if m])
+    assert trained.replace(" ", "") == "3<|im_end|>6<|im_end|>"  # " 3" is one BPE token
+    trainer.train()
+    trainer.save_model()
+    assert AutoTokenizer.from_pretrained(args.output_dir).chat_template == template.read_text()
+
+
+def test_assistant_only_loss_without_generation_markers_is_a_clear_error(tmp_path):
+    from honelm.data import ChatTemplateError
+
+    model, _ = tiny_model()
+    from honelm.testing import tiny_tokenizer
+
+    tok = tiny_tokenizer(chat_template="{% for m in messages %}{{ m['content'] }}{% endfor %}")
+    with pytest.raises(ChatTemplateError, match="generation"):
+        SFTTrainer(model, _config(tmp_path, assistant_only_loss=True), train_dataset=_conversations(), processing_class=tok)
