@@ -1,0 +1,1 @@
+"""Direct Preference Optimization and its loss variants (see ``loss.py``)."""
