@@ -6,6 +6,7 @@ import numbers
 
 import torch
 
+from ._fused_ce import FusedCrossEntropySum, fused_rows
 from ._checks import check_head, check_target_range, check_targets, plan_tiles
 from ._kernel import LMHeadLogps, TileOptions
 
@@ -69,6 +70,19 @@ def chunked_cross_entropy(
     check_target_range(fn, "labels", kept_labels, positions, labels.shape, vocab,
                        f" Use ignore_index={ignore_index} for positions without a target.")
     kept_hidden = hidden.reshape(-1, hidden.shape[-1]).index_select(0, positions)  # (n, H)
+    if reduction != "none" and vocab_chunk_size is None and _needs_grad(kept_hidden, weight, bias):
+        # Summed loss: its gradient is one scalar, so the fused path computes the gradients
+        # from the forward's own tiles (three logits-sized matmuls instead of four).
+        rows = chunk_size or fused_rows(kept_hidden.shape[0], vocab)
+        loss, num_correct, entropy_sum = FusedCrossEntropySum.apply(
+            kept_hidden, weight, bias, kept_labels, rows, return_stats
+        )
+        if reduction == "mean":
+            loss = loss / _denominator(fn, num_items_in_batch, positions.numel(), loss.device)
+        if not return_stats:
+            return loss
+        num_tokens = torch.tensor(positions.numel(), dtype=torch.long, device=loss.device)
+        return loss, {"num_tokens": num_tokens, "num_correct": num_correct, "entropy_sum": entropy_sum}
     rows, cols = plan_tiles(fn, kept_hidden.shape[0], vocab, hidden.dtype, chunk_size, vocab_chunk_size)
     # the entropy and argmax are metrics only: no gradient flows through them
     opts = TileOptions(1.0, rows, cols, entropy=return_stats, entropy_grad=False, argmax=return_stats)
@@ -88,6 +102,12 @@ def chunked_cross_entropy(
         "entropy_sum": entropy.detach().sum(),
     }
     return loss, stats
+
+
+def _needs_grad(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> bool:
+    if not torch.is_grad_enabled():
+        return False
+    return hidden.requires_grad or weight.requires_grad or (bias is not None and bias.requires_grad)
 
 
 def _denominator(
