@@ -41,6 +41,8 @@ case "$cmd" in
     ;;
   test)
     setup
+    # One compute thread per test worker: the workers already use every core.
+    export OMP_NUM_THREADS="${OMP_NUM_THREADS:-1}"
     exec "$PY" -m pytest -n "${HONELM_TEST_WORKERS:-2}" -q tests "$@"
     ;;
   *)
