@@ -1,11 +1,13 @@
 """Throughput and peak memory of SFT training steps: honelm's SFTTrainer against TRL's.
 
 The model is a small Qwen2 decoder with a 151,936-token vocabulary (hidden 256, 4 layers,
-4 attention heads, 2 key-value heads, intermediate 768, untied embeddings), so the LM head
-dominates the cost of a step, as it does for real models at long sequence lengths. Every
-library trains the same model (same initial weights, checked by a checksum) on the same
-synthetic rows of random token ids, all exactly ``seq_len`` long (no padding, no packing),
-in float32 with the same optimizer settings:
+4 attention heads, 2 key-value heads, intermediate 768, LM head tied to the embeddings:
+about 42M parameters), so the LM head dominates the cost of a step, as it does for real
+models at long sequence lengths. Every library trains the same model (same initial
+weights, checked by a checksum) on the same synthetic rows of random token ids, all
+exactly ``seq_len`` long (no padding, no packing), in the same precision (float32, or
+``--dtype bfloat16``: ``bf16=True`` mixed precision, TRL's default) with the same
+optimizer settings:
 
 * ``honelm``: ``honelm.SFTTrainer``; loss, entropy and token accuracy from the final hidden
   states through the chunked LM-head kernel of ``honelm.ops`` (no full logits).
@@ -28,6 +30,7 @@ Examples::
     python benchmarks/sft.py --quick                    # smoke test, well under a minute
     python benchmarks/sft.py                            # 8 x {512, 1024, 2048} on CPU
     python benchmarks/sft.py --seq-lens 2048 --batch-size 4
+    python benchmarks/sft.py --dtype bfloat16 --seq-lens 512   # bf16 mixed precision everywhere
     python benchmarks/sft.py --device cuda --seq-lens 512 1024 2048 4096
 """
 
@@ -77,7 +80,11 @@ def _parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--heads", type=int, default=4, help="attention heads")
     p.add_argument("--kv-heads", type=int, default=2, help="key-value heads")
     p.add_argument("--intermediate", type=int, default=768, help="MLP intermediate size")
-    p.add_argument("--tie-embeddings", action="store_true", help="tie the LM head to the input embeddings")
+    p.add_argument("--untied-embeddings", dest="tie_embeddings", action="store_false",
+                   help="a separate LM head (default: tied to the input embeddings, ~42M parameters)")
+    p.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32",
+                   help="float32, or bfloat16 mixed precision (bf16=True: autocast, float32 master weights) "
+                        "in every library")
     p.add_argument("--device", default="cpu", help="cpu or cuda")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument(
@@ -147,7 +154,7 @@ def _common_args(spec: dict[str, Any], output_dir: str) -> dict[str, Any]:
         "lr_scheduler_type": "constant",
         "weight_decay": 0.0,
         "gradient_checkpointing": False,
-        "bf16": False,
+        "bf16": spec["dtype"] == "bfloat16",
         "fp16": False,
         "use_cpu": spec["device"] == "cpu",
         "seed": spec["seed"],
@@ -386,7 +393,8 @@ def _header(args: argparse.Namespace, limit: float | None) -> list[str]:
     tie = "tied" if args.tie_embeddings else "untied"
     lines.append(
         f"Model: Qwen2, vocab {args.vocab:,}, hidden {args.hidden}, {args.layers} layers, {args.heads} heads, "
-        f"{args.kv_heads} kv heads, intermediate {args.intermediate}, {tie} embeddings; float32 on {args.device}. "
+        f"{args.kv_heads} kv heads, intermediate {args.intermediate}, {tie} embeddings; "
+        f"{'float32' if args.dtype == 'float32' else 'float32 weights, bf16 mixed precision (bf16=True)'} on {args.device}. "
         f"Data: random token ids, every row exactly T tokens (no padding, no packing), all tokens labelled. "
         f"Steps: {args.warmup_steps} warm-up + {args.steps} measured; gradient_accumulation_steps=1, "
         f"no gradient checkpointing, AdamW (lr 1e-4, constant), max_grad_norm 1.0."
@@ -420,7 +428,7 @@ def _run_all(args: argparse.Namespace, libraries: list[str], limit: float | None
             order = libraries if rep % 2 == 0 else libraries[::-1]  # alternate to spread machine noise
             for lib in order:
                 spec = {"library": lib, "seq_len": seq_len, "batch_size": args.batch_size, "seed": args.seed,
-                        "warmup_steps": args.warmup_steps, "steps": args.steps, "device": args.device,
+                        "warmup_steps": args.warmup_steps, "steps": args.steps, "device": args.device, "dtype": args.dtype,
                         "model": model, "memory_limit_gib": limit}
                 start = time.perf_counter()
                 res = run_worker(script, spec, args.case_timeout)

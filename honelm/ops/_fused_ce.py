@@ -18,6 +18,8 @@ from typing import Any
 
 import torch
 
+from ._kernel import _low_precision_matmul, _matmul_dtype
+
 FUSED_BUDGET_BYTES = 128 * 2**20
 """Float32 bytes of one ``(rows, vocab)`` tile of the fused path."""
 
@@ -29,6 +31,13 @@ def fused_rows(num_rows: int, vocab_size: int, budget_bytes: int = FUSED_BUDGET_
 
 def _matmul(a: torch.Tensor, b: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     return (a.to(dtype) @ b.to(dtype)).float()
+
+
+def operand_dtype(hidden: torch.Tensor, weight: torch.Tensor) -> torch.dtype:
+    """The dtype the fused path multiplies in: the autocast or input dtype when it is 16-bit
+    and the device multiplies it natively (as the tiled kernel decides), else float32."""
+    dtype = _matmul_dtype(hidden, weight)
+    return dtype if _low_precision_matmul(hidden.device, dtype) else torch.float32
 
 
 class FusedCrossEntropySum(torch.autograd.Function):
@@ -48,7 +57,7 @@ class FusedCrossEntropySum(torch.autograd.Function):
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         need_h, need_w, need_b = ctx.needs_input_grad[:3]
         n, vocab = hidden.shape[0], weight.shape[0]
-        dtype = torch.promote_types(hidden.dtype, weight.dtype)
+        dtype = operand_dtype(hidden, weight)  # matmul operands; products are float32
         f32 = torch.float32
         grad_h = torch.empty(n, hidden.shape[1], dtype=f32, device=hidden.device) if need_h else None  # (N, H)
         grad_w = torch.zeros(vocab, weight.shape[1], dtype=f32, device=weight.device) if need_w else None  # (V, H)

@@ -8,7 +8,7 @@ import torch
 
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from honelm.ops import _fused_ce, chunked_cross_entropy
+from honelm.ops import _fused_ce, _kernel, chunked_cross_entropy
 
 
 class _LargestTensor(TorchDispatchMode):
@@ -150,3 +150,43 @@ def test_fused_path_never_allocates_full_logits():
 def test_automatic_rows_respect_the_budget():
     assert _fused_ce.fused_rows(4096, 151936) == _fused_ce.FUSED_BUDGET_BYTES // (4 * 151936)
     assert _fused_ce.fused_rows(3, 10) == 3 and _fused_ce.fused_rows(10**9, 10**9) == 1
+
+
+class _MatmulDtypes(TorchDispatchMode):
+    """Records the input dtypes of every matrix product."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.dtypes: set[torch.dtype] = set()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func.overloadpacket in (torch.ops.aten.mm, torch.ops.aten.addmm, torch.ops.aten.addmm_):
+            self.dtypes.update(a.dtype for a in args if isinstance(a, torch.Tensor) and a.dim() == 2)
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize("native", [True, False])
+def test_autocast_bf16_on_cpu_multiplies_in_bf16_only_where_native(monkeypatch, native):
+    """Like an nn.Linear under autocast, the fused path multiplies in bfloat16 on a CPU with
+    native bfloat16 (results then match the autocast reference); elsewhere it stays float32
+    and matches the float32 reference closely."""
+    monkeypatch.setattr(_kernel, "cpu_has_native_bf16", lambda: native)
+    hidden, weight, b, labels = _inputs(seed=6, n=40, v=57, h=16)
+    seen = _MatmulDtypes()
+    with torch.autocast("cpu", dtype=torch.bfloat16), seen:
+        loss = chunked_cross_entropy(hidden, weight, labels, b, reduction="sum")
+    got = _grads(loss, (hidden, weight, b))
+    assert all(g.dtype == torch.float32 for g in got)
+    assert seen.dtypes == ({torch.bfloat16} if native else {torch.float32})
+    ref_inputs = [t.detach().clone().requires_grad_() for t in (hidden, weight, b)]
+    if native:  # reference: the same head as an autocast nn.Linear, loss in float32
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            logits = torch.nn.functional.linear(ref_inputs[0], ref_inputs[1], ref_inputs[2])
+        expected = torch.nn.functional.cross_entropy(logits.float(), labels, reduction="sum")
+        tol = {"rtol": 3e-2, "atol": 3e-2}
+    else:
+        expected, _ = _naive(*ref_inputs, labels, "sum")
+        tol = {"rtol": 1e-4, "atol": 1e-5}
+    torch.testing.assert_close(loss, expected, **tol)
+    for g, want in zip(got, _grads(expected, ref_inputs)):
+        torch.testing.assert_close(g, want, **tol)

@@ -68,7 +68,8 @@ def test_entropy_alone_gets_correct_gradient(naive, make_leaves):
 
 
 @pytest.mark.parametrize("tile", [(1, None), (4, 10)])
-def test_bf16_inputs_match_fp32_reference(naive, make_leaves, tile):
+def test_bf16_inputs_match_fp32_reference(naive, make_leaves, tile, monkeypatch):
+    monkeypatch.setattr(_kernel, "cpu_has_native_bf16", lambda: False)  # tiles upcast to float32
     hidden, weight, bias, targets, c1, c2 = _inputs(2)
     h, w, b = make_leaves(hidden, weight, bias, dtype=torch.bfloat16)
     logps, entropy = selective_logps(h, w, targets, b, temperature=0.9, chunk_size=tile[0],
@@ -80,7 +81,7 @@ def test_bf16_inputs_match_fp32_reference(naive, make_leaves, tile):
     ref_grads = _grads((ref_logps * c1).sum() + (ref_entropy * c2).sum(), [rh, rw, rb])
 
     assert logps.dtype == torch.float32
-    # on CPU the tiles are computed in float32 from the bf16 values: values stay exact
+    # without native bf16 the tiles are computed in float32 from the bf16 values: values stay exact
     torch.testing.assert_close(logps, ref_logps, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(entropy, ref_entropy, atol=1e-5, rtol=1e-5)
     for got, ref in zip(grads, ref_grads):
@@ -222,8 +223,22 @@ def test_bad_inputs_are_explained(kwargs, error, pattern):
         selective_logps(**args)
 
 
-def test_autocast_does_not_leak_into_the_tiles(naive, make_leaves):
-    """Under CPU autocast the tiles still run in float32: results equal the float32 reference."""
+def test_low_precision_matmul_decision(monkeypatch):
+    """16-bit matmuls: always on accelerators; on CPU only bfloat16, and only where it is native."""
+    cuda, cpu = torch.device("cuda"), torch.device("cpu")
+    assert _kernel._low_precision_matmul(cuda, torch.float16) and _kernel._low_precision_matmul(cuda, torch.bfloat16)
+    assert not _kernel._low_precision_matmul(cuda, torch.float32)
+    for native in (True, False):
+        monkeypatch.setattr(_kernel, "cpu_has_native_bf16", lambda native=native: native)
+        assert _kernel._low_precision_matmul(cpu, torch.bfloat16) is native
+        assert not _kernel._low_precision_matmul(cpu, torch.float16)
+        assert not _kernel._low_precision_matmul(cpu, torch.float32)
+
+
+def test_autocast_on_cpu_without_native_bf16_keeps_float32_tiles(naive, make_leaves, monkeypatch):
+    """Under CPU autocast on a CPU without native bfloat16 the tiles still run in float32:
+    results equal the float32 reference."""
+    monkeypatch.setattr(_kernel, "cpu_has_native_bf16", lambda: False)
     hidden, weight, bias, targets, c1, _ = _inputs(11)
     h, w, b = make_leaves(hidden, weight, bias)
     with torch.autocast("cpu", dtype=torch.bfloat16):
