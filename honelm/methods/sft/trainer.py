@@ -202,7 +202,10 @@ class SFTTrainer(Trainer):
         model_inputs = {k: v for k, v in inputs.items() if k not in ("completion_mask", "assistant_masks", "seq_lengths")}
         hidden, outputs = last_hidden_states(model, **model_inputs)  # (B, T, H)
         weight, bias = lm_head_weight_and_bias(self.accelerator.unwrap_model(model))
-        loss, stats = LOSSES[self.args.loss_type](hidden, weight, labels, bias, num_items_in_batch)
+        # The LM head runs under the same autocast as the model's forward (accelerate wraps only
+        # the forward), so that with bf16=True its matmuls are bf16 as in an autocast nn.Linear.
+        with self.accelerator.autocast():
+            loss, stats = LOSSES[self.args.loss_type](hidden, weight, labels, bias, num_items_in_batch)
         if num_items_in_batch is not None and self.args.average_tokens_across_devices:
             # The gradient all-reduce averages over processes; the divisor is already global.
             loss = loss * self.accelerator.num_processes
