@@ -15,6 +15,9 @@ from .version import __version__
 # name -> module that defines it. Every stable export is listed here once.
 _EXPORTS: dict[str, str] = {
     "ExperimentalWarning": "honelm.stability",
+    "RewardConfig": "honelm.methods.reward",
+    "RewardModelScorer": "honelm.methods.reward",
+    "RewardTrainer": "honelm.methods.reward",
     "SFTConfig": "honelm.methods.sft",
     "SFTTrainer": "honelm.methods.sft",
 }
@@ -36,5 +39,6 @@ def __dir__() -> list[str]:
 
 
 if TYPE_CHECKING:  # pragma: no cover - for static analysers only
+    from .methods.reward import RewardConfig, RewardModelScorer, RewardTrainer
     from .methods.sft import SFTConfig, SFTTrainer
     from .stability import ExperimentalWarning

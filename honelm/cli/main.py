@@ -15,6 +15,7 @@ from collections.abc import Sequence
 COMMANDS: dict[str, tuple[str, str]] = {
     "demo": ("honelm.cli.demo", "Train a tiny model offline on a built-in task and show what it learned."),
     "env": ("honelm.cli.env", "Print versions and hardware, for bug reports."),
+    "reward": ("honelm.cli.reward", "Reward modeling: train a reward model on preference pairs."),
     "sft": ("honelm.cli.sft", "Supervised fine-tuning: train a model on text or prompt-completion data."),
 }
 
