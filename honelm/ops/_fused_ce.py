@@ -29,10 +29,6 @@ def fused_rows(num_rows: int, vocab_size: int, budget_bytes: int = FUSED_BUDGET_
     return max(1, min(num_rows, budget_bytes // (4 * max(vocab_size, 1))))
 
 
-def _matmul(a: torch.Tensor, b: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    return (a.to(dtype) @ b.to(dtype)).float()
-
-
 def operand_dtype(hidden: torch.Tensor, weight: torch.Tensor) -> torch.dtype:
     """The dtype the fused path multiplies in: the autocast or input dtype when it is 16-bit
     and the device multiplies it natively (as the tiled kernel decides), else float32."""
@@ -83,7 +79,8 @@ class FusedCrossEntropySum(torch.autograd.Function):
                     e = torch.exp(z)  # (r, V); z is still needed for the entropy
                     total = e.sum(dim=1)  # (r,)
                     # H = log S - sum_v e (z - max) / S
-                    entropy += (total.log() - torch.linalg.vecdot(e, z) / total).sum()
+                    e_dot_z = torch.bmm(e.unsqueeze(1), z.unsqueeze(2)).view(-1)  # (r,) row dots, no temporary
+                    entropy += (total.log() - e_dot_z / total).sum()
                     del z
                 else:
                     e = z.exp_()  # in place
@@ -91,13 +88,18 @@ class FusedCrossEntropySum(torch.autograd.Function):
                 loss += (z_max + total.log() - z_t).sum()  # lse - z_t
                 p = e.mul_(total.reciprocal().unsqueeze(1))  # (r, V) softmax
                 p.scatter_add_(1, y, torch.full((r1 - r0, 1), -1.0, device=p.device))  # p - onehot
-                if grad_h is not None:
-                    if dtype == f32:
+                if dtype == f32:
+                    if grad_h is not None:
                         torch.mm(p, w_op, out=grad_h[r0:r1])
-                    else:
-                        grad_h[r0:r1] = _matmul(p, w_op, dtype)
-                if grad_w is not None:
-                    grad_w.addmm_(p.T, h) if dtype == f32 else grad_w.add_(_matmul(p.T, h, dtype))
+                    if grad_w is not None:
+                        grad_w.addmm_(p.T, h)
+                else:
+                    p16 = p.to(dtype)  # one 16-bit copy of the tile serves both products
+                    if grad_h is not None:
+                        grad_h[r0:r1] = p16 @ w_op  # upcast on assignment
+                    if grad_w is not None:
+                        grad_w += p16.T @ h  # 16-bit product, accumulated in float32
+                    del p16
                 if grad_b is not None:
                     grad_b += p.sum(dim=0)
         ctx.save_for_backward(grad_h, grad_w, grad_b)
