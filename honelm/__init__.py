@@ -14,7 +14,11 @@ from .version import __version__
 
 # name -> module that defines it. Every stable export is listed here once.
 _EXPORTS: dict[str, str] = {
+    "DPOConfig": "honelm.methods.dpo",
+    "DPOTrainer": "honelm.methods.dpo",
     "ExperimentalWarning": "honelm.stability",
+    "KTOConfig": "honelm.methods.kto",
+    "KTOTrainer": "honelm.methods.kto",
     "RewardConfig": "honelm.methods.reward",
     "RewardModelScorer": "honelm.methods.reward",
     "RewardTrainer": "honelm.methods.reward",
@@ -39,6 +43,8 @@ def __dir__() -> list[str]:
 
 
 if TYPE_CHECKING:  # pragma: no cover - for static analysers only
+    from .methods.dpo import DPOConfig, DPOTrainer
+    from .methods.kto import KTOConfig, KTOTrainer
     from .methods.reward import RewardConfig, RewardModelScorer, RewardTrainer
     from .methods.sft import SFTConfig, SFTTrainer
     from .stability import ExperimentalWarning

@@ -498,11 +498,23 @@ class _FieldAction(argparse.Action):
             elif not raw:  # a bare boolean flag
                 value = True
             else:
-                value = convert_field(self.spec, raw[0] if len(raw) == 1 else raw)
+                value = _convert_tokens(self.spec, raw)
         except (_Mismatch, ConfigError) as e:
             raise argparse.ArgumentError(None, f"argument {option_string}: {e}") from None
         setattr(namespace, self.dest, value)
         setattr(namespace, "_cli_argv", [*getattr(namespace, "_cli_argv", []), option_string, *raw])
+
+
+def _convert_tokens(spec: FieldSpec, raw: list[str]) -> Any:
+    """One token is a scalar value where the field allows one, else a list of one."""
+    if len(raw) > 1:
+        return convert_field(spec, raw)
+    try:
+        return convert_field(spec, raw[0])
+    except _Mismatch:
+        if not spec.takes_list:
+            raise
+        return convert_field(spec, raw)
 
 
 def _spellings(name: str) -> list[str]:

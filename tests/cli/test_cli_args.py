@@ -333,3 +333,15 @@ def test_example_yaml_is_a_valid_sft_config(recwarn: pytest.WarningsRecorder) ->
     assert script.model_name_or_path and script.dataset_name
     assert config.packing is True and config.eval_strategy.value == "steps"
     assert not [w for w in recwarn if issubclass(w.category, FutureWarning)], "the example uses a deprecated option"
+
+
+def test_one_token_for_a_list_field_is_a_list_of_one_and_scalar_unions_stay_scalar():
+    from honelm.cli.main import build_parser
+
+    def parsed(argv):
+        return build_parser(argv).parse_args(argv)
+
+    assert parsed(["sft", "--lora_target_modules", "all-linear"]).lora_target_modules == ["all-linear"]
+    assert parsed(["dpo", "--loss_weights", "1.0"]).loss_weights == [1.0]
+    assert parsed(["dpo", "--loss_type", "sigmoid"]).loss_type == "sigmoid"  # str | list[str]: stays a string
+    assert parsed(["dpo", "--loss_type", "sigmoid", "ipo"]).loss_type == ["sigmoid", "ipo"]
