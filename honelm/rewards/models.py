@@ -7,24 +7,28 @@ from typing import Any
 
 import torch
 
+from honelm.models.reward_scoring import RewardModelScorer
 
-class RewardModel:
+
+class RewardModel(RewardModelScorer):
     """Wrap a one-output sequence-classification model (e.g. trained with ``RewardTrainer``)
     as a reward function ``f(prompts, completions, **kwargs) -> list[float]``.
 
-    Conversational samples (message lists) are rendered with the reward tokenizer's chat
-    template, prompt messages followed by completion messages; standard samples are the
-    prompt string followed by the completion string, tokenized with the tokenizer's special
-    tokens. The reward is the model's single logit.
+    Each sample is tokenized exactly as ``RewardTrainer`` tokenizes a side of a training pair,
+    and scored at its last real token, so a reward model scores the policy's samples the way
+    it was trained to: standard samples are prompt + completion + EOS; conversational samples
+    are the chat template's prompt (with the generation prompt) followed by the reply up to
+    its end-of-turn token. Padding never decides which token is read, so tokenizers whose pad
+    token is their EOS are scored correctly.
 
     Args:
-        model: An ``AutoModelForSequenceClassification`` model with ``num_labels=1``. It is put
-            in eval mode; place it on its device beforehand.
+        model: An ``AutoModelForSequenceClassification`` model with ``num_labels=1``, on its
+            device. It runs in eval mode under ``torch.no_grad()``.
         tokenizer: The reward model's tokenizer.
         batch_size: Samples per forward pass (``None``: the whole batch at once).
         max_length: Longer inputs keep their last ``max_length`` tokens (the score is read at
             the end); ``None`` does not truncate.
-        chat_template_kwargs: Extra arguments of ``apply_chat_template``.
+        chat_template_kwargs: Extra arguments of the chat template.
         name: Name for metrics (``rewards/<name>/mean``); defaults to the model's name.
     """
 
@@ -38,68 +42,26 @@ class RewardModel:
         chat_template_kwargs: Mapping[str, Any] | None = None,
         name: str | None = None,
     ) -> None:
-        num_labels = getattr(getattr(model, "config", None), "num_labels", 1)
-        if num_labels != 1:
-            raise ValueError(
-                f"RewardModel: the model has num_labels={num_labels}; a reward model needs exactly one output "
-                "(load it with `AutoModelForSequenceClassification.from_pretrained(path, num_labels=1)`)."
-            )
-        if tokenizer.pad_token_id is None:
-            raise ValueError("RewardModel: the reward tokenizer has no pad token; set `tokenizer.pad_token`.")
-        if getattr(model.config, "pad_token_id", None) is None:
-            model.config.pad_token_id = tokenizer.pad_token_id  # needed to find each row's last token
-        self.model = model.eval()
-        self.tokenizer = tokenizer
-        self.batch_size = batch_size
-        self.max_length = max_length
-        self.chat_template_kwargs = dict(chat_template_kwargs or {})
-        self.__name__ = (
-            name or str(getattr(model.config, "_name_or_path", "") or "reward_model").rstrip("/").split("/")[-1]
+        super().__init__(
+            model,
+            tokenizer,
+            batch_size=batch_size or _WHOLE_BATCH,
+            max_length=max_length,
+            chat_template_kwargs=dict(chat_template_kwargs or {}),
+            name=name,
         )
 
-    def texts(self, prompts: Sequence[Any], completions: Sequence[Any]) -> list[str]:
-        """The texts that are scored, one per sample."""
-        out = []
+    def __call__(self, prompts: Sequence[Any], completions: Sequence[Any], **kwargs: Any) -> list[float]:
         for i, (prompt, completion) in enumerate(zip(prompts, completions)):
-            if isinstance(prompt, str) and isinstance(completion, str):
-                out.append(prompt + completion)
-            elif isinstance(prompt, (list, tuple)) and isinstance(completion, (list, tuple)):
-                messages = [dict(m) for m in prompt] + [dict(m) for m in completion]
-                out.append(self.tokenizer.apply_chat_template(messages, tokenize=False, **self.chat_template_kwargs))
-            else:
+            if isinstance(prompt, str) != isinstance(completion, str):
                 raise TypeError(
                     f"RewardModel {self.__name__!r}: sample {i} mixes a {type(prompt).__name__} prompt with a "
                     f"{type(completion).__name__} completion; both must be strings or both message lists."
                 )
-        return out
+        return super().__call__(prompts, completions)
 
-    @torch.no_grad()
-    def __call__(self, prompts: Sequence[Any], completions: Sequence[Any], **kwargs: Any) -> list[float]:
-        if len(prompts) != len(completions):
-            raise ValueError(f"RewardModel: {len(prompts)} prompts for {len(completions)} completions.")
-        texts = self.texts(prompts, completions)
-        conversational = bool(prompts) and not isinstance(prompts[0], str)
-        device = next(self.model.parameters()).device
-        step = self.batch_size or max(len(texts), 1)
-        scores: list[float] = []
-        side = self.tokenizer.truncation_side
-        self.tokenizer.truncation_side = "left"
-        try:
-            for start in range(0, len(texts), step):
-                enc = self.tokenizer(
-                    texts[start : start + step],
-                    return_tensors="pt",
-                    padding=True,
-                    padding_side="right",  # positions then start at 0 in every row
-                    truncation=self.max_length is not None,
-                    max_length=self.max_length,
-                    add_special_tokens=not conversational,  # the chat template already adds them
-                )
-                logits = self.model(**enc.to(device)).logits  # (B, 1)
-                scores.extend(logits[:, 0].float().tolist())
-        finally:
-            self.tokenizer.truncation_side = side
-        return scores
+
+_WHOLE_BATCH = 2**31 - 1
 
 
 def load_reward_funcs(

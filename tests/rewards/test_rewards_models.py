@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 
@@ -21,42 +23,69 @@ def rm():
     return model.eval(), tok
 
 
-def _score_alone(model, tok, text, add_special_tokens):
-    ids = tok(text, return_tensors="pt", add_special_tokens=add_special_tokens)
+def _standard_ids(tok, prompt, completion):
+    """What training scores for a standard pair: prompt tokens, completion tokens, EOS."""
+    return tok(prompt)["input_ids"] + tok(completion)["input_ids"] + [tok.eos_token_id]
+
+
+def _score_ids(model, ids):
     with torch.no_grad():
-        return model(**ids).logits[0, 0].item()
+        return model(input_ids=torch.tensor([ids])).logits[0, 0].item()
 
 
-def test_conversational_scores_equal_scoring_each_rendered_text_alone(rm):
+def test_conversational_scores_read_the_token_training_ends_on(rm):
+    """A conversational sample is scored as RewardTrainer trains on it: the prompt with the
+    generation prompt, then the reply up to its end-of-turn token (not the newline after it)."""
     model, tok = rm
     reward = RewardModel(model, tok)
     scores = reward(prompts=PROMPTS, completions=COMPLETIONS)
     for prompt, completion, score in zip(PROMPTS, COMPLETIONS, scores):
         text = tok.apply_chat_template(prompt + completion, tokenize=False)
         assert text.endswith(completion[0]["content"] + "<|im_end|>\n")
-        assert score == pytest.approx(_score_alone(model, tok, text, False), abs=1e-5)
+        ids = tok(text.removesuffix("\n"), add_special_tokens=False)["input_ids"]
+        assert ids[-1] == tok.convert_tokens_to_ids("<|im_end|>")
+        assert score == pytest.approx(_score_ids(model, ids), abs=1e-5)
     assert scores[0] != pytest.approx(scores[1])  # padding did not leak into the shorter row
 
 
-def test_standard_scores_and_batching(rm):
+def test_scores_equal_the_reward_trainer_scorer(rm):
+    from honelm import RewardModelScorer
+
+    model, tok = rm
+    for prompts, completions in ((PROMPTS, COMPLETIONS), (["What is 2 + 2? "], ["4"])):
+        assert RewardModel(model, tok)(prompts=prompts, completions=completions) == pytest.approx(
+            RewardModelScorer(model, tok)(prompts, completions), abs=1e-6
+        )
+
+
+def test_standard_scores_end_with_eos_and_batching_changes_nothing(rm):
     model, tok = rm
     prompts, completions = ["What is 2 + 2? ", "Say hello "], ["4", "Hello, world! How are you?"]
     full = RewardModel(model, tok)(prompts=prompts, completions=completions)
     chunked = RewardModel(model, tok, batch_size=1)(prompts=prompts, completions=completions)
     assert full == pytest.approx(chunked, abs=1e-5)
     for p, c, s in zip(prompts, completions, full):
-        assert s == pytest.approx(_score_alone(model, tok, p + c, True), abs=1e-5)
+        ids = _standard_ids(tok, p, c)
+        assert s == pytest.approx(_score_ids(model, ids), abs=1e-5)
+
+
+def test_pad_equal_to_eos_still_reads_the_real_last_token(rm):
+    model, tok = rm
+    tok = copy.deepcopy(tok)  # the fixture's tokenizer is shared
+    tok.pad_token = tok.eos_token
+    prompts, completions = ["Say hello ", "Hi "], ["Hello, world! How are you?", "ok"]
+    scores = RewardModel(model, tok)(prompts=prompts, completions=completions)
+    for p, c, s in zip(prompts, completions, scores):
+        ids = _standard_ids(tok, p, c)
+        assert s == pytest.approx(_score_ids(model, ids), abs=1e-5)
 
 
 def test_truncation_keeps_the_end_where_the_score_is_read(rm):
     model, tok = rm
     reward = RewardModel(model, tok, max_length=6)
     (score,) = reward(prompts=["a long prompt that will not fit at all "], completions=["the end"])
-    ids = tok("a long prompt that will not fit at all the end")["input_ids"][-6:]
-    with torch.no_grad():
-        expected = model(input_ids=torch.tensor([ids])).logits[0, 0].item()
-    assert score == pytest.approx(expected, abs=1e-5)
-    assert tok.truncation_side == "right"  # restored
+    ids = _standard_ids(tok, "a long prompt that will not fit at all ", "the end")[-6:]
+    assert score == pytest.approx(_score_ids(model, ids), abs=1e-5)
 
 
 def test_reward_model_alongside_functions_in_compute_rewards(rm):

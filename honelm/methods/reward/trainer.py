@@ -5,7 +5,7 @@ preference pairs: for each prompt ``x``, a chosen completion ``y_c`` and a rejec
 it minimizes the Bradley-Terry loss ``-log sigma(r(x, y_c) - r(x, y_r) - margin)`` (plus an
 optional centering term). Prompt + chosen and prompt + rejected are tokenized by
 :mod:`honelm.data`, run through the model in one forward pass (padded or padding-free), and
-each is scored at its last real token (:mod:`honelm.methods.reward.scoring`).
+each is scored at its last real token (:mod:`honelm.models.reward_scoring`).
 
     honelm reward --model_name_or_path Qwen/Qwen2.5-0.5B-Instruct --dataset_name trl-lib/ultrafeedback_binarized
 """
