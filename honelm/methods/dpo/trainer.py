@@ -534,7 +534,8 @@ class DPOTrainer(Trainer):
             hidden, _ = last_hidden_states(reference, **model_inputs)  # (R, T, H)
             weight, bias = lm_head_weight_and_bias(self.accelerator.unwrap_model(reference))
             rows = hidden.reshape(-1, hidden.shape[-1]).index_select(0, layout.positions)  # (n, H)
-            token_logps = selective_logps(rows, weight, layout.target_ids, bias)  # (n,)
+            with self.accelerator.autocast():  # the LM head in the forward's precision
+                token_logps = selective_logps(rows, weight, layout.target_ids, bias)  # (n,)
         sums = self._sequence_logps(token_logps, layout)
         return sums[: layout.num_pairs], sums[layout.num_pairs :]
 
@@ -576,9 +577,12 @@ class DPOTrainer(Trainer):
         n_chosen = layout.num_chosen_tokens
         token_logps, correct, entropy = [], [], []
         for part in (slice(0, n_chosen), slice(n_chosen, rows.shape[0])):  # chosen tokens come first
-            nll, stats = chunked_cross_entropy(
-                rows[part], weight, layout.target_ids[part], bias, reduction="none", return_stats=True
-            )  # (n_part,)
+            # The LM head runs under the forward's autocast (accelerate wraps only the forward),
+            # so bf16=True multiplies it in bf16 as an autocast nn.Linear would.
+            with self.accelerator.autocast():
+                nll, stats = chunked_cross_entropy(
+                    rows[part], weight, layout.target_ids[part], bias, reduction="none", return_stats=True
+                )  # (n_part,)
             token_logps.append(-nll)
             correct.append(stats["num_correct"])
             entropy.append(stats["entropy_sum"])

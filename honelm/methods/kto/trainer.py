@@ -515,10 +515,11 @@ class KTOTrainer(Trainer):
         targets = batch["completion_labels"][:, 1:]  # (R, T-1)
         mask = targets != IGNORE_INDEX  # (R, T-1)
         seq_index = batch["seq_index"][:, 1:] if "seq_index" in batch else None  # (1, N-1) padding-free
-        if stats:
-            token_logps, entropy = masked_selective_logps(hidden, weight, targets, mask, bias, return_entropy=True)
-        else:
-            token_logps = masked_selective_logps(hidden, weight, targets, mask, bias)  # (R, T-1), 0 off the mask
+        with self.accelerator.autocast():  # the LM head in the forward's precision (bf16=True: bf16)
+            if stats:
+                token_logps, entropy = masked_selective_logps(hidden, weight, targets, mask, bias, return_entropy=True)
+            else:
+                token_logps = masked_selective_logps(hidden, weight, targets, mask, bias)  # (R, T-1), 0 off the mask
         logps = _sum_by_sequence(token_logps, seq_index, num_seqs)  # (S,)
         extra: dict[str, torch.Tensor] = {}
         if stats:
