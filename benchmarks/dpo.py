@@ -1,8 +1,8 @@
 """Step time and peak memory of DPO training steps: honelm's DPOTrainer against TRL's.
 
 The policy is a small Qwen2 decoder with a 151,936-token vocabulary and tied embeddings
-(hidden 256, 2 layers, 4 attention heads, 2 key-value heads, intermediate 768: about 40M
-parameters, 39M of them the embedding), so the LM head dominates the cost of a step, as it
+(hidden 256, 4 layers, 4 attention heads, 2 key-value heads, intermediate 768: about 42M
+parameters, 39M of them the embedding; the same model as ``benchmarks/sft.py``), so the LM head dominates the cost of a step, as it
 does for real models. The reference model has the same architecture and other weights
 (seed + 1), so the first loss is not just log 2 and must agree between the libraries. Both
 libraries train the same policy (checked by a checksum) against the same reference on the same
@@ -76,7 +76,7 @@ def _parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--repeats", type=int, default=1, help="runs per case, alternating the order; medians reported")
     p.add_argument("--vocab", type=int, default=151936, help="vocabulary size V")
     p.add_argument("--hidden", type=int, default=256, help="hidden size H")
-    p.add_argument("--layers", type=int, default=2, help="decoder layers")
+    p.add_argument("--layers", type=int, default=4, help="decoder layers")
     p.add_argument("--heads", type=int, default=4, help="attention heads")
     p.add_argument("--kv-heads", type=int, default=2, help="key-value heads")
     p.add_argument("--intermediate", type=int, default=768, help="MLP intermediate size")

@@ -41,3 +41,13 @@ def test_demo_command_learns(tmp_path):
     after = float(out.split("after training:  loss ")[1].split(",")[0])
     assert after < 0.5 * before, out
     assert "sample answers" in out and "model saved to" in out
+
+
+def test_dpo_example_learns_the_held_out_preference(tmp_path):
+    out = tmp_path / "out"
+    result = _run([str(ROOT / "examples" / "dpo.py"), "--max_steps", "40", "--output_dir", str(out)], tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    line = next(x for x in result.stdout.splitlines() if x.startswith("held-out pairs after training:"))
+    accuracy = float(line.split("reward accuracy")[1].split("%")[0])
+    assert accuracy >= 75, result.stdout
+    assert (out / "model.safetensors").exists()
