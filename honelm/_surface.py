@@ -37,6 +37,7 @@ from typing import Any, NamedTuple
 STABLE_MODULES: tuple[str, ...] = (
     "honelm",
     "honelm.data",
+    "honelm.diagnostics",
     "honelm.ops",
     "honelm.stability",
     "honelm.testing",

@@ -15,8 +15,10 @@ from collections.abc import Sequence
 COMMANDS: dict[str, tuple[str, str]] = {
     "demo": ("honelm.cli.demo", "Train a tiny model offline on a built-in task and show what it learned."),
     "env": ("honelm.cli.env", "Print versions and hardware, for bug reports."),
+    "doctor": ("honelm.cli.doctor", "Replay the diagnostics over a training run and report its problems."),
     "dpo": ("honelm.cli.dpo", "Direct Preference Optimization: train a model on preference pairs (chosen vs rejected)."),
     "kto": ("honelm.cli.kto", "Kahneman-Tversky Optimization: align a model with unpaired desirable/undesirable feedback."),
+    "plot": ("honelm.cli.plot", "Plot a run's main curves with its diagnostics marked (needs matplotlib)."),
     "reward": ("honelm.cli.reward", "Reward modeling: train a reward model on preference pairs."),
     "sft": ("honelm.cli.sft", "Supervised fine-tuning: train a model on text or prompt-completion data."),
 }

@@ -79,7 +79,13 @@ def run(args: argparse.Namespace) -> int:
     except (ConfigError, DatasetArgError) as e:
         print(f"honelm {_COMMAND}: error: {e}", file=sys.stderr)
         return 2
-    return train(script, config, train_dataset, eval_dataset, peft_config)
+    from honelm.diagnostics import DiagnosticError
+
+    try:
+        return train(script, config, train_dataset, eval_dataset, peft_config)
+    except DiagnosticError as e:  # a problem found before or during training, reported as an error
+        print(f"honelm reward: error: {e}", file=sys.stderr)
+        return 2
 
 
 def train(script: Any, config: Any, train_dataset: Any, eval_dataset: Any, peft_config: Any) -> int:

@@ -5,7 +5,8 @@ log-likelihood of the completion (prompt-completion data), of the assistant turn
 (``assistant_only_loss``) or of the whole text. Rows are validated and tokenized by
 :mod:`honelm.data`, optionally packed, collated with or without padding, and the loss is
 computed from the final hidden states chunk by chunk (:mod:`honelm.ops`), never holding the
-full ``(tokens, vocab)`` logits.
+full ``(tokens, vocab)`` logits. Diagnostics (:mod:`honelm.diagnostics`) check the prepared
+data before training and watch the metrics during it.
 
     honelm sft --model_name_or_path Qwen/Qwen2.5-0.5B --dataset_name trl-lib/Capybara
 """
@@ -13,6 +14,7 @@ full ``(tokens, vocab)`` logits.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import logging
 import os
 from collections import defaultdict
@@ -28,6 +30,7 @@ from honelm.data import (
     pack_dataset,
     tokenize_dataset,
 )
+from honelm.diagnostics.callback import attach_diagnostics
 from honelm.models import last_hidden_states, load_causal_lm
 from honelm.ops import lm_head_weight_and_bias
 
@@ -98,8 +101,10 @@ class SFTTrainer(Trainer):
             logger.info("liger-kernel is not installed: using honelm's chunked loss kernels (same memory savings).")
             args.use_liger_kernel = False
 
+        self._output_dir_existed = os.path.isdir(args.output_dir)
         self._dataset_name = _dataset_name(train_dataset)
         self.truncation_stats: dict[str, Any] = {}
+        self._unpacked_train = train_dataset  # what the pre-flight checks read (before packing)
         skip = bool((args.dataset_kwargs or {}).get("skip_prepare_dataset", False))
         completion_only = args.completion_only_loss
         if train_dataset is not None and not skip:
@@ -144,6 +149,7 @@ class SFTTrainer(Trainer):
         self._total_tokens = {"train": 0, "eval": 0}
         if hasattr(self.model, "add_model_tags"):
             self.model.add_model_tags(self._tag_names)
+        self.diagnostics = self._attach_diagnostics(tokenizer)
 
     # ---- data -----------------------------------------------------------------------------
 
@@ -171,10 +177,26 @@ class SFTTrainer(Trainer):
             self.truncation_stats[split] = stats
             if getattr(stats, "complete", False) and stats.num_truncated:
                 logger.warning("%s dataset: %s", split, stats.summary())
+            if split == "train":
+                self._unpacked_train = dataset
             if packing:
                 map_kwargs = {"num_proc": args.dataset_num_proc} if args.dataset_num_proc else None
                 dataset = pack_dataset(dataset, args.max_length, args.packing_strategy, map_kwargs)
         return dataset
+
+    def _attach_diagnostics(self, tokenizer: Any) -> Any:
+        """Register the diagnostics callback and run the pre-flight checks on the train data."""
+        stats = self.truncation_stats.get("train")
+        counts = dataclasses.asdict(stats) if dataclasses.is_dataclass(stats) else None
+        try:
+            return attach_diagnostics(
+                self, "sft", output_dir_existed=self._output_dir_existed, dataset=self._unpacked_train,
+                tokenizer=tokenizer, collator=self.data_collator, truncation_stats=stats,
+            )
+        finally:
+            if counts is not None:  # reading a stream's first rows must not count them twice
+                for name, value in counts.items():
+                    setattr(stats, name, value)
 
     def _remove_unused_columns(self, dataset: Any, description: str | None = None) -> Any:
         # Prepared datasets hold exactly what the collator needs (masks, seq_lengths).
@@ -209,16 +231,18 @@ class SFTTrainer(Trainer):
         if num_items_in_batch is not None and self.args.average_tokens_across_devices:
             # The gradient all-reduce averages over processes; the divisor is already global.
             loss = loss * self.accelerator.num_processes
-        loss = loss + self._aux_loss(model, outputs)
+        loss = loss + self._aux_loss(model, outputs, mode)
         self._record(mode, inputs, stats)
         return (loss, {"loss": loss.detach()}) if return_outputs else loss
 
-    def _aux_loss(self, model: Any, outputs: Any) -> torch.Tensor | float:
+    def _aux_loss(self, model: Any, outputs: Any, mode: str = "train") -> torch.Tensor | float:
         """Mixture-of-experts load-balancing loss, as the model's own forward would add it."""
         aux = getattr(outputs, "aux_loss", None)
         config = self.accelerator.unwrap_model(model).config
         if aux is None or not getattr(config, "output_router_logits", False):
             return 0.0
+        gathered = self.accelerator.gather_for_metrics(aux.detach().reshape(1))  # (processes,)
+        self._metrics[mode]["aux_loss"].append(gathered.mean().item())
         # Added once per optimizer step's worth of micro-batches, not once per micro-batch.
         ga_steps = getattr(self, "current_gradient_accumulation_steps", None) or self.args.gradient_accumulation_steps
         return getattr(config, "router_aux_loss_coef", 0.0) * aux / ga_steps
