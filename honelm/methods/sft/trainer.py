@@ -268,13 +268,21 @@ class SFTTrainer(Trainer):
 
     # ---- logging and saving ---------------------------------------------------------------
 
+    def evaluate(self, eval_dataset: Any = None, ignore_keys: list[str] | None = None,
+                 metric_key_prefix: str = "eval") -> dict[str, float]:
+        """As ``Trainer.evaluate``; the SFT metrics carry ``metric_key_prefix`` (``eval_entropy``,
+        ``eval_<name>_entropy`` for a dict of eval datasets) and are in the returned dict."""
+        self._metric_prefix = metric_key_prefix  # a dict of datasets sets it again per dataset, recursively
+        return super().evaluate(eval_dataset=eval_dataset, ignore_keys=ignore_keys, metric_key_prefix=metric_key_prefix)
+
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
-        mode = "eval" if any(k.startswith("eval_") for k in logs) else "train"
+        prefix = getattr(self, "_metric_prefix", "eval")
+        mode = "eval" if any(k.startswith(f"{prefix}_") for k in logs) else "train"
         metrics = {k: sum(v) / len(v) for k, v in self._metrics[mode].items() if v}
         metrics["num_tokens"] = float(self._total_tokens[mode])
         if mode == "eval":
-            metrics = {f"eval_{k}": v for k, v in metrics.items()}
-        logs = {**logs, **metrics}
+            metrics = {f"{prefix}_{k}": v for k, v in metrics.items()}
+        logs.update(metrics)  # in place: `evaluate()` returns this dict
         super().log(logs, start_time)
         self._metrics[mode].clear()
 
