@@ -19,6 +19,8 @@ _EXPORTS: dict[str, str] = {
     "ExperimentalWarning": "honelm.stability",
     "KTOConfig": "honelm.methods.kto",
     "KTOTrainer": "honelm.methods.kto",
+    "RLOOConfig": "honelm.methods.rloo",
+    "RLOOTrainer": "honelm.methods.rloo",
     "RewardConfig": "honelm.methods.reward",
     "RewardModelScorer": "honelm.methods.reward",
     "RewardTrainer": "honelm.methods.reward",
@@ -45,6 +47,7 @@ def __dir__() -> list[str]:
 if TYPE_CHECKING:  # pragma: no cover - for static analysers only
     from .methods.dpo import DPOConfig, DPOTrainer
     from .methods.kto import KTOConfig, KTOTrainer
+    from .methods.rloo import RLOOConfig, RLOOTrainer
     from .methods.reward import RewardConfig, RewardModelScorer, RewardTrainer
     from .methods.sft import SFTConfig, SFTTrainer
     from .stability import ExperimentalWarning

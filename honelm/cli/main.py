@@ -20,6 +20,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "kto": ("honelm.cli.kto", "Kahneman-Tversky Optimization: align a model with unpaired desirable/undesirable feedback."),
     "plot": ("honelm.cli.plot", "Plot a run's main curves with its diagnostics marked (needs matplotlib)."),
     "reward": ("honelm.cli.reward", "Reward modeling: train a reward model on preference pairs."),
+    "rloo": ("honelm.cli.rloo", "REINFORCE Leave-One-Out: online RL with reward functions and a leave-one-out baseline."),
     "sft": ("honelm.cli.sft", "Supervised fine-tuning: train a model on text or prompt-completion data."),
 }
 
