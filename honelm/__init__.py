@@ -17,6 +17,8 @@ _EXPORTS: dict[str, str] = {
     "DPOConfig": "honelm.methods.dpo",
     "DPOTrainer": "honelm.methods.dpo",
     "ExperimentalWarning": "honelm.stability",
+    "GRPOConfig": "honelm.methods.grpo",
+    "GRPOTrainer": "honelm.methods.grpo",
     "KTOConfig": "honelm.methods.kto",
     "KTOTrainer": "honelm.methods.kto",
     "RLOOConfig": "honelm.methods.rloo",
@@ -46,6 +48,7 @@ def __dir__() -> list[str]:
 
 if TYPE_CHECKING:  # pragma: no cover - for static analysers only
     from .methods.dpo import DPOConfig, DPOTrainer
+    from .methods.grpo import GRPOConfig, GRPOTrainer
     from .methods.kto import KTOConfig, KTOTrainer
     from .methods.rloo import RLOOConfig, RLOOTrainer
     from .methods.reward import RewardConfig, RewardModelScorer, RewardTrainer

@@ -17,6 +17,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "env": ("honelm.cli.env", "Print versions and hardware, for bug reports."),
     "doctor": ("honelm.cli.doctor", "Replay the diagnostics over a training run and report its problems."),
     "dpo": ("honelm.cli.dpo", "Direct Preference Optimization: train a model on preference pairs (chosen vs rejected)."),
+    "grpo": ("honelm.cli.grpo", "Group Relative Policy Optimization: train a model with rewards on the completions it samples."),
     "kto": ("honelm.cli.kto", "Kahneman-Tversky Optimization: align a model with unpaired desirable/undesirable feedback."),
     "plot": ("honelm.cli.plot", "Plot a run's main curves with its diagnostics marked (needs matplotlib)."),
     "reward": ("honelm.cli.reward", "Reward modeling: train a reward model on preference pairs."),

@@ -5,6 +5,11 @@ spread over the whole dataset; the first rows of a stream), reads the tokenizer'
 end-of-turn and pad tokens and chat template, collates a few rows with the trainer's
 collator to see which EOS tokens survive as labels, and reads a few facts of the model's
 config. The checks themselves (:mod:`honelm.diagnostics.detectors.preflight`) are pure.
+
+The columns read are those of each method's prepared dataset: ``input_ids`` and its masks
+(SFT), ``prompt_input_ids`` + ``chosen_input_ids`` / ``rejected_input_ids`` (DPO),
+``prompt_input_ids`` + ``completion_input_ids`` + ``label`` (KTO), ``chosen_ids`` /
+``rejected_ids``, each a whole prompt + completion sequence (reward modeling).
 """
 
 from __future__ import annotations
@@ -21,7 +26,11 @@ from .events import Finding
 TOKEN_COLUMNS = (
     "input_ids", "completion_mask", "assistant_masks", "seq_lengths",
     "prompt_input_ids", "chosen_input_ids", "rejected_input_ids", "completion_input_ids", "label",
+    "chosen_ids", "rejected_ids",
 )
+# The completion columns of preference rows, and the label key each trainer's collator returns.
+_COMPLETION_COLUMNS = ("chosen_input_ids", "rejected_input_ids", "completion_input_ids")
+_LABEL_KEYS = ("labels", "completion_labels")
 _END_TOKEN = re.compile(r"end|eot|eos|^</s>$", re.IGNORECASE)
 _PAD_TOKEN = re.compile(r"pad", re.IGNORECASE)
 
@@ -102,8 +111,11 @@ def model_facts(model: Any) -> dict[str, Any]:
     name = type(model).__name__ if model is not config else ""
     experts = next((getattr(config, k) for k in ("num_experts", "num_local_experts", "n_routed_experts")
                     if isinstance(getattr(config, k, None), int)), None)
+    pad_token_id = getattr(config, "pad_token_id", None)
+    if not hasattr(config, "pad_token_id") and callable(getattr(config, "get_text_config", None)):
+        pad_token_id = getattr(config.get_text_config(), "pad_token_id", None)  # a composite model's text part
     facts = {
-        "pad_token_id": getattr(config, "pad_token_id", None),
+        "pad_token_id": pad_token_id,
         "sequence_classification": name.endswith("ForSequenceClassification")
         or any(str(a).endswith("ForSequenceClassification") for a in architectures),
         "num_experts": experts,
@@ -124,17 +136,32 @@ def _spare_pad_token(tokenizer: Any) -> str | None:
     return None
 
 
+def _trained_eos(row: dict[str, Any], eos_id: int, completion_only: bool, assistant_only: bool) -> int:
+    """EOS tokens among the targets of one row: its trained positions (language modeling), or
+    its completions (preference rows; a completion's first token is a target only after a prompt)."""
+    if "input_ids" in row:
+        if row.get("seq_lengths"):
+            return 0
+        positions = [p for span in trained_positions(row, completion_only, assistant_only) for p in span]
+        return sum(row["input_ids"][p] == eos_id for p in positions)
+    if "prompt_input_ids" not in row:
+        return 0
+    skip = 0 if row["prompt_input_ids"] else 1
+    return sum(list(row[c][skip:]).count(eos_id) for c in _COMPLETION_COLUMNS if row.get(c))
+
+
 def _collator_eos(collator: Any, rows: list[dict[str, Any]], eos_id: int, completion_only: bool,
                   assistant_only: bool) -> dict[str, int] | None:
-    """Trained EOS tokens in up to 4 rows, and how many the collator keeps as labels."""
+    """Trained EOS tokens in up to 4 rows, and how many the collator keeps as labels.
+
+    The labels are ``labels`` (SFT, DPO) or ``completion_labels`` (KTO's matched sequences);
+    a collator returning neither (a reward model's) is not checked.
+    """
     import torch
 
     chosen, expected = [], 0
     for row in rows:
-        if "input_ids" not in row or row.get("seq_lengths"):
-            continue
-        positions = [p for span in trained_positions(row, completion_only, assistant_only) for p in span]
-        count = sum(row["input_ids"][p] == eos_id for p in positions)
+        count = _trained_eos(row, eos_id, completion_only, assistant_only)
         if count:
             chosen.append(row)
             expected += count
@@ -146,7 +173,7 @@ def _collator_eos(collator: Any, rows: list[dict[str, Any]], eos_id: int, comple
         batch = collator([dict(r) for r in chosen])
     except Exception:  # noqa: BLE001 - a collator that fails here fails in training with its own error
         return None
-    labels = batch.get("labels") if isinstance(batch, Mapping) else None
+    labels = next((batch[k] for k in _LABEL_KEYS if k in batch), None) if isinstance(batch, Mapping) else None
     if not isinstance(labels, torch.Tensor):
         return None
     return {"expected": int(expected), "in_labels": int((labels == eos_id).sum())}

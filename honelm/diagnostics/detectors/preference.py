@@ -173,13 +173,16 @@ def reward_scale_drift(ctx: RunContext, th: Thresholds) -> list[Finding]:
     return [Finding(
         "REWARD_SCALE_DRIFT",
         f"The reward model's scale is drifting: {what}. Only differences of rewards are trained, so their level "
-        "and scale wander freely; this hurts reward-model ensembles and RL that uses the raw scores.",
+        "and scale wander freely; this hurts reward-model ensembles and RL that uses the raw scores"
+        + ("." if drift else " (large `margin` values or long training push the scores apart). Normalize the "
+           "rewards before using them."),
         evidence={"metric": "mean_reward", "recent": mean_reward.tail(window), "mean": level, "spread": spread,
                   "max_abs_mean": t["max_abs_mean"], "max_spread": t["max_spread"]},
+        # Centering penalizes (r_chosen + r_rejected)^2: it moves the level, not the spread.
         suggestions=suggestions(suggest(
             ctx.config, "center_rewards_coefficient", lambda cur: 0.01 if not cur else None,
             "pulls the rewards toward zero",
-        )),
+        )) if drift else (),
     )]
 
 

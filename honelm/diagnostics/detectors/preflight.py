@@ -8,7 +8,8 @@ objects (a sample of the tokenized dataset, the tokenizer, the collator, the mod
 Tokenized rows are those of :mod:`honelm.data`: ``input_ids`` with ``completion_mask`` /
 ``assistant_masks`` / ``seq_lengths`` (language modeling, prompt-completion), or
 ``prompt_input_ids`` with ``chosen_input_ids`` / ``rejected_input_ids`` (preference) or
-``completion_input_ids`` and ``label`` (unpaired preference).
+``completion_input_ids`` and ``label`` (unpaired preference); reward models' rows hold
+whole sequences, ``chosen_ids`` / ``rejected_ids`` (prompt + completion).
 """
 
 from __future__ import annotations
@@ -297,23 +298,49 @@ def check_truncation(data: PreflightInput, th: Thresholds) -> list[Finding]:
     )]
 
 
-def padding_fraction(lengths: Sequence[int], batch_size: int, *, group_by_length: bool = False,
-                     multiple: int | None = None, seed: int = 0) -> float:
-    """Share of padding tokens in right-padded batches of rows drawn in random order."""
-    order = list(lengths)
-    random.Random(seed).shuffle(order)
+def padding_fraction(lengths: Sequence[int | Sequence[int]], batch_size: int, *, group_by_length: bool = False,
+                     multiple: int | None = None, seed: int = 0, shuffle: bool = True) -> float:
+    """Share of padding tokens in right-padded batches of rows drawn in random order (in the
+    given order with ``shuffle=False``).
+
+    A row is a sequence length, or the lengths of the several sequences it adds to the batch
+    (a preference pair's chosen and rejected sequences): every sequence of a batch is padded
+    to the batch's longest.
+    """
+    order = [(n,) if isinstance(n, int) else tuple(n) for n in lengths]
+    if shuffle:
+        random.Random(seed).shuffle(order)
     if group_by_length:  # transformers' LengthGroupedSampler: sort mega-batches of 50 batches
         mega = 50 * batch_size
-        order = [n for i in range(0, len(order), mega) for n in sorted(order[i : i + mega], reverse=True)]
+        order = [r for i in range(0, len(order), mega) for r in sorted(order[i : i + mega], key=max, reverse=True)]
     real = padded = 0
     for i in range(0, len(order), batch_size):
         batch = order[i : i + batch_size]
-        width = max(batch)
+        width = max(max(r) for r in batch)
         if multiple:
             width = -(-width // multiple) * multiple
-        real += sum(batch)
-        padded += width * len(batch)
+        real += sum(sum(r) for r in batch)
+        padded += width * sum(len(r) for r in batch)
     return 1 - real / padded if padded else 0.0
+
+
+def _padded_sequences(data: PreflightInput) -> list[tuple[int, ...]]:
+    """Per sampled row, the lengths of the sequences it adds to a padded batch: one for language
+    modeling and KTO (prompt + completion), two for DPO and reward models (chosen and rejected)."""
+    out = []
+    for row in data.rows:
+        if "input_ids" in row:
+            if not row.get("seq_lengths"):
+                out.append((len(row["input_ids"]),))
+        elif row.get("chosen_ids") is not None and row.get("rejected_ids") is not None:
+            out.append((len(row["chosen_ids"]), len(row["rejected_ids"])))
+        elif row.get("prompt_input_ids") is not None:
+            prompt = len(row["prompt_input_ids"])
+            sides = [row[c] for c in ("chosen_input_ids", "rejected_input_ids", "completion_input_ids")
+                     if row.get(c) is not None]
+            if sides:
+                out.append(tuple(prompt + len(c) for c in sides))
+    return out
 
 
 def check_padding_waste(data: PreflightInput, th: Thresholds) -> list[Finding]:
@@ -321,20 +348,26 @@ def check_padding_waste(data: PreflightInput, th: Thresholds) -> list[Finding]:
     batch = config.get("per_device_train_batch_size")
     if config.get("packing") or config.get("padding_free") or not isinstance(batch, int) or batch < 2:
         return []
-    lengths = [len(r["input_ids"]) for _, r in _lm_rows(data) if not r.get("seq_lengths")]
-    if len(lengths) < 2 * batch:
+    rows = _padded_sequences(data)
+    if len(rows) < 2 * batch:
         return []
-    waste = padding_fraction(lengths, batch, group_by_length=bool(config.get("group_by_length")),
-                             multiple=config.get("pad_to_multiple_of"))
+    strategy = config.get("train_sampling_strategy")
+    waste = padding_fraction(rows, batch, multiple=config.get("pad_to_multiple_of"), shuffle=strategy != "sequential",
+                             group_by_length=bool(config.get("group_by_length")) or strategy == "group_by_length")
     if not waste > th["DATA_PADDING_WASTE"]["max_fraction"]:
         return []
+    lengths = [n for row in rows for n in row]
+    per_row = len(lengths) // len(rows)
+    what = f"{batch} rows" if per_row == 1 else f"{batch} pairs ({per_row * batch} sequences)"
+    packing = " Padding-free batches remove it; packing also fills each row." if "packing" in config or not config \
+        else " Padding-free batches remove it."
     return [Finding(
         "DATA_PADDING_WASTE",
-        f"About {pct(waste)} of the tokens in each padded batch of {batch} would be padding (row lengths vary from "
-        f"{min(lengths)} to {max(lengths)}): compute spent on nothing. Padding-free batches remove it; packing also "
-        "fills each row.",
-        evidence={"padding_fraction": waste, "batch_size": batch, "min_length": min(lengths),
-                  "max_length": max(lengths), "mean_length": nice(sum(lengths) / len(lengths)),
+        f"About {pct(waste)} of the tokens in each padded batch of {what} would be padding (sequence lengths vary "
+        f"from {min(lengths)} to {max(lengths)}): compute spent on nothing.{packing}",
+        evidence={"padding_fraction": waste, "batch_size": batch, "sequences_per_row": per_row,
+                  "min_length": min(lengths), "max_length": max(lengths),
+                  "mean_length": nice(sum(lengths) / len(lengths)),
                   "threshold": th["DATA_PADDING_WASTE"]["max_fraction"]},
         suggestions=suggestions(
             suggest(config, "padding_free", True, "no padding tokens, same loss"),
@@ -345,16 +378,20 @@ def check_padding_waste(data: PreflightInput, th: Thresholds) -> list[Finding]:
 
 def check_length_bias(data: PreflightInput, th: Thresholds) -> list[Finding]:
     t = th["PREF_LENGTH_BIAS"]
-    longer = shorter = 0
+    longer = shorter = same = 0
     for row in data.rows:
         chosen, rejected = row.get("chosen_input_ids"), row.get("rejected_input_ids")
-        if chosen is None or rejected is None or len(chosen) == len(rejected):
+        if chosen is None and rejected is None:  # a reward model's whole sequences (the same prompt in both)
+            chosen, rejected = row.get("chosen_ids"), row.get("rejected_ids")
+        if chosen is None or rejected is None:
             continue
         longer += len(chosen) > len(rejected)
         shorter += len(chosen) < len(rejected)
-    pairs = longer + shorter
+        same += len(chosen) == len(rejected)
+    pairs = longer + shorter + same
     if pairs < t["min_pairs"]:
         return []
+    # Over all pairs: where chosen and rejected are equally long, length predicts nothing.
     share = max(longer, shorter) / pairs
     if not share > t["max_fraction"]:
         return []
@@ -364,8 +401,8 @@ def check_length_bias(data: PreflightInput, th: Thresholds) -> list[Finding]:
         f"The chosen answer is the {side} one in {pct(share)} of {pairs} pairs: length alone predicts the "
         f"preference, and the model will learn to write {side} answers rather than better ones. Balance the "
         "lengths of chosen and rejected answers, or regularize length.",
-        evidence={"pairs": pairs, "chosen_longer": longer, "chosen_shorter": shorter, "share": share,
-                  "threshold": t["max_fraction"]},
+        evidence={"pairs": pairs, "chosen_longer": longer, "chosen_shorter": shorter, "same_length": same,
+                  "share": share, "threshold": t["max_fraction"]},
         suggestions=suggestions(suggest(data.config, "ld_alpha", lambda cur: 0.5 if cur is None else None,
                                         "down-weights the log-probability of the extra length (LD-DPO)")),
     )]
@@ -385,6 +422,15 @@ def check_kto_weights(data: PreflightInput, th: Thresholds) -> list[Finding]:
     good, bad = sum(labels), len(labels) - sum(labels)
     dw = float(data.config.get("desirable_weight", 1.0))
     uw = float(data.config.get("undesirable_weight", 1.0))
+    if not good or not bad:  # no weight can balance a side that is absent
+        have, missing = ("desirable", "undesirable") if good else ("undesirable", "desirable")
+        return [Finding(
+            "KTO_WEIGHT_IMBALANCE",
+            f"All {len(labels)} rows checked are {have}: no {missing} example is ever seen, so KTO learns from one "
+            f"side only and no weight can balance it. Add {missing} rows (label={not good}).",
+            evidence={"desirable": good, "undesirable": bad, "ratio": float("inf") if good else 0.0,
+                      "min_ratio": t["min_ratio"], "max_ratio": t["max_ratio"]},
+        )]
     ratio = (dw * good) / (uw * bad) if bad and uw else float("inf")
     if t["min_ratio"] <= ratio <= t["max_ratio"]:
         return []

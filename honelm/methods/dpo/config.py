@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Literal
 
 from transformers import TrainingArguments
+
+from honelm.diagnostics.codes import normalize_settings
 
 from .loss import LOSS_TYPES, _check_combination, _resolve_loss_types
 
@@ -200,6 +202,35 @@ class DPOConfig(TrainingArguments):
         default=False, metadata={"help": "Offload activations to CPU memory during the forward pass."}
     )
 
+    # ---- Diagnostics -------------------------------------------------------------------------
+    diagnostics: bool = field(
+        default=True,
+        metadata={
+            "help": "Watch the run and report recognized problems (before training from the data, then from "
+            "the metrics and the machine): on the console, in `output_dir/diagnostics.jsonl` and as "
+            "`diagnostics/*` metrics. See docs/diagnostics.md."
+        },
+    )
+    diagnostics_stop_on: Literal["error", "critical"] | None = field(
+        default=None,
+        metadata={
+            "help": "Stop training when a problem of this severity is found (`critical`, or `error` for errors "
+            "and critical problems), after saving a checkpoint; found before training, it raises an error. "
+            "`None`: report only."
+        },
+    )
+    diagnostics_thresholds: dict[str, Any] | None = field(
+        default=None,
+        metadata={
+            "help": "Per-code thresholds: a number sets the code's main threshold, a mapping sets them by name, "
+            "e.g. `{\"PREF_NO_SIGNAL\": 0.1, \"LOSS_DIVERGING\": {\"ratio\": 3}}`."
+        },
+    )
+    diagnostics_silence: list[str] | None = field(
+        default=None,
+        metadata={"help": "Diagnostic codes never to report, e.g. `DATA_PADDING_WASTE SYS_LOW_MEMORY_USE`."},
+    )
+
     # ---- Defaults that differ from TrainingArguments -----------------------------------------
     learning_rate: float = field(default=1e-6, metadata={"help": "Initial AdamW learning rate."})
     logging_steps: float = field(default=10, metadata={"help": "Log every N steps (or fraction)."})
@@ -221,6 +252,7 @@ class DPOConfig(TrainingArguments):
             self.loss_weights = [float(w) for w in self.loss_weights]
         self._check_values()
         self._check_reference_options()
+        normalize_settings(self, "DPOConfig")  # unknown codes, thresholds, levels: clear errors
         super().__post_init__()
 
     def _check_values(self) -> None:

@@ -9,7 +9,9 @@ through the model in one forward pass (one padded batch, or one padding-free row
 their summed completion log-probs come from the final hidden states through the chunked
 LM-head kernels of :mod:`honelm.ops`, never through the full ``(tokens, vocab)`` logits.
 The reference log-probs come from a frozen copy of the model, from the model with its
-PEFT adapter disabled, or from one pass over the dataset before training.
+PEFT adapter disabled, or from one pass over the dataset before training. Diagnostics
+(:mod:`honelm.diagnostics`) check the tokenized pairs before training (missing EOS,
+truncation, length bias) and watch the preference metrics during it.
 
     honelm dpo --model_name_or_path Qwen/Qwen2.5-0.5B-Instruct --dataset_name trl-lib/ultrafeedback_binarized
 """
@@ -30,6 +32,7 @@ import torch
 from transformers import AutoTokenizer, Trainer, TrainerCallback, set_seed
 
 from honelm.data import DataCollatorForLanguageModeling, TruncationStats, tokenize_dataset, truncate_row
+from honelm.diagnostics.callback import attach_diagnostics
 from honelm.models import last_hidden_states, load_causal_lm
 from honelm.ops import (
     auto_chunk_size,
@@ -317,6 +320,7 @@ class DPOTrainer(Trainer):
         _configure_pad_token(tokenizer, args)
         model, ref_model = self._models(model, model_path, ref_model, args, peft_config, quantization_config)
 
+        self._output_dir_existed = os.path.isdir(args.output_dir)
         self._dataset_name = _dataset_name(train_dataset)
         self.truncation_stats: dict[str, TruncationStats] = {}
         if train_dataset is not None:
@@ -355,6 +359,11 @@ class DPOTrainer(Trainer):
             self.ref_model = self.accelerator.prepare_model(ref_model, evaluation_mode=True)
         if args.sync_ref_model:
             self.add_callback(_SyncReferenceCallback(self))
+        # Pre-flight checks on the tokenized pairs, before the reference pass (which may take long).
+        self.diagnostics = attach_diagnostics(
+            self, "dpo", output_dir_existed=self._output_dir_existed, dataset=self.train_dataset,
+            tokenizer=tokenizer, collator=self.data_collator, truncation_stats=self.truncation_stats.get("train"),
+        )
         if args.precompute_ref_log_probs:
             self._precompute_all()
         if hasattr(self.model, "add_model_tags"):

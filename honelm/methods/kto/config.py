@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Literal
 
 from transformers import TrainingArguments
+
+from honelm.diagnostics.codes import normalize_settings
 
 _LOSS_TYPES = ("kto", "apo_zero_unpaired")
 _TRUNCATION_MODES = ("keep_start", "keep_end")
@@ -154,6 +156,35 @@ class KTOConfig(TrainingArguments):
         default=512, metadata={"help": "Optimizer steps between two reference syncs."}
     )
 
+    # ---- Diagnostics -------------------------------------------------------------------------
+    diagnostics: bool = field(
+        default=True,
+        metadata={
+            "help": "Watch the run and report recognized problems (before training from the data, then from "
+            "the metrics and the machine): on the console, in `output_dir/diagnostics.jsonl` and as "
+            "`diagnostics/*` metrics. See docs/diagnostics.md."
+        },
+    )
+    diagnostics_stop_on: Literal["error", "critical"] | None = field(
+        default=None,
+        metadata={
+            "help": "Stop training when a problem of this severity is found (`critical`, or `error` for errors "
+            "and critical problems), after saving a checkpoint; found before training, it raises an error. "
+            "`None`: report only."
+        },
+    )
+    diagnostics_thresholds: dict[str, Any] | None = field(
+        default=None,
+        metadata={
+            "help": "Per-code thresholds: a number sets the code's main threshold, a mapping sets them by name, "
+            "e.g. `{\"KTO_BATCH_TOO_SMALL\": 8, \"LOSS_DIVERGING\": {\"ratio\": 3}}`."
+        },
+    )
+    diagnostics_silence: list[str] | None = field(
+        default=None,
+        metadata={"help": "Diagnostic codes never to report, e.g. `DATA_PADDING_WASTE SYS_LOW_MEMORY_USE`."},
+    )
+
     # ---- Defaults that differ from TrainingArguments -----------------------------------------
     learning_rate: float = field(default=1e-6, metadata={"help": "Initial AdamW learning rate."})
     logging_steps: float = field(default=10, metadata={"help": "Log every N steps (or fraction)."})
@@ -206,6 +237,7 @@ class KTOConfig(TrainingArguments):
             raise ValueError(f"KTOConfig.ref_model_mixup_alpha must be in [0, 1], got {self.ref_model_mixup_alpha}.")
         if self.ref_model_sync_steps < 1:
             raise ValueError(f"KTOConfig.ref_model_sync_steps must be >= 1, got {self.ref_model_sync_steps}.")
+        normalize_settings(self, "KTOConfig")  # unknown codes, thresholds, levels: clear errors
         super().__post_init__()
 
 

@@ -8,7 +8,10 @@ against a frozen reference, KTO raises ``sigma(beta * (r - z0))`` for desirable 
 row ``i + 1``'s prompt), detached, averaged over processes and clamped at 0. Paired
 preference data is split into unpaired rows (chosen: desirable, rejected: undesirable).
 Log-probs come from the final hidden states chunk by chunk (:mod:`honelm.ops`), over
-completion tokens only, never from the full ``(tokens, vocab)`` logits.
+completion tokens only, never from the full ``(tokens, vocab)`` logits. Diagnostics
+(:mod:`honelm.diagnostics`) check the data and the batch size before training (label
+balance against the weights, a batch too small for the KL estimate, missing EOS) and watch
+the metrics during it.
 
     honelm kto --model_name_or_path Qwen/Qwen2.5-0.5B-Instruct --dataset_name trl-lib/kto-mix-14k
 """
@@ -30,6 +33,7 @@ from torch import nn
 from transformers import AutoTokenizer, Trainer, TrainerCallback
 
 from honelm.data import TruncationStats, detect_format, tokenize_dataset, truncate_row
+from honelm.diagnostics.callback import attach_diagnostics
 from honelm.models import last_hidden_states, load_causal_lm
 from honelm.ops import lm_head_weight_and_bias, masked_selective_logps
 
@@ -273,6 +277,7 @@ class KTOTrainer(Trainer):
         _configure_pad_token(tokenizer)
 
         self._calculate_kl = args.loss_type in KL_LOSS_TYPES
+        self._output_dir_existed = os.path.isdir(args.output_dir)
         self._dataset_name = _dataset_name(train_dataset)
         self.truncation_stats: dict[str, TruncationStats] = {}
         train_dataset = self._prepare(train_dataset, tokenizer, args, "train")
@@ -314,6 +319,11 @@ class KTOTrainer(Trainer):
             if self.ref_model is None:
                 raise ValueError("KTOConfig.sync_ref_model=True needs a separate reference model.")
             self.add_callback(_SyncReferenceCallback(self))
+        # Pre-flight checks on the tokenized rows, before the reference pass (which may take long).
+        self.diagnostics = attach_diagnostics(
+            self, "kto", output_dir_existed=self._output_dir_existed, dataset=self.train_dataset,
+            tokenizer=tokenizer, collator=self.data_collator, truncation_stats=self.truncation_stats.get("train"),
+        )
         if args.precompute_ref_log_probs:
             self.train_dataset = self._precompute(self.train_dataset, "train")
             if isinstance(self.eval_dataset, dict):

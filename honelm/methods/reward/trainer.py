@@ -5,7 +5,10 @@ preference pairs: for each prompt ``x``, a chosen completion ``y_c`` and a rejec
 it minimizes the Bradley-Terry loss ``-log sigma(r(x, y_c) - r(x, y_r) - margin)`` (plus an
 optional centering term). Prompt + chosen and prompt + rejected are tokenized by
 :mod:`honelm.data`, run through the model in one forward pass (padded or padding-free), and
-each is scored at its last real token (:mod:`honelm.models.reward_scoring`).
+each is scored at its last real token (:mod:`honelm.models.reward_scoring`). Diagnostics
+(:mod:`honelm.diagnostics`) check the pairs and the model before training (length bias,
+padding, the model's ``pad_token_id``) and watch accuracy, margin and the reward scale
+during it.
 
     honelm reward --model_name_or_path Qwen/Qwen2.5-0.5B-Instruct --dataset_name trl-lib/ultrafeedback_binarized
 """
@@ -27,6 +30,7 @@ import torch
 from transformers import AutoTokenizer, Trainer
 
 from honelm.data import DatasetFormatError, detect_format, tokenize_dataset, tokenize_row
+from honelm.diagnostics.callback import attach_diagnostics
 from honelm.models import resolve_dtype
 
 from .config import RewardConfig
@@ -168,6 +172,7 @@ class RewardTrainer(Trainer):
         model, processing_class = _setup_model(model, model_id, args, processing_class, quantization_config, peft_config)
         tokenizer = getattr(processing_class, "tokenizer", processing_class)
 
+        self._output_dir_existed = os.path.isdir(args.output_dir)
         self._dataset_name = _dataset_name(train_dataset)
         self.filter_stats: dict[str, dict[str, int]] = {}
         self._metric_prefix = "eval"
@@ -210,6 +215,10 @@ class RewardTrainer(Trainer):
         self._total_tokens = {"train": 0, "eval": 0}
         if hasattr(self.model, "add_model_tags"):
             self.model.add_model_tags(self._tag_names)
+        self.diagnostics = attach_diagnostics(
+            self, "reward", output_dir_existed=self._output_dir_existed, dataset=self.train_dataset,
+            tokenizer=tokenizer, collator=self.data_collator, model=self.model,
+        )
 
     # ---- data -----------------------------------------------------------------------------
 

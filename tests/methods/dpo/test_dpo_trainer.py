@@ -373,6 +373,7 @@ def test_bad_datasets_stop_before_training(tmp_path, rows, message):
     assert not os.path.exists(tmp_path / "out")
 
 
+@pytest.mark.diagnostics_expected  # truncates every pair on purpose: DATA_TRUNCATION
 def test_truncation_limits_and_pairs_left_without_completion(tmp_path, caplog):
     model, tok = tiny_model()
     prompt = " ".join(f"w{i}" for i in range(30))

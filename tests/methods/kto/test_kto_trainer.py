@@ -132,7 +132,10 @@ def _trainer_with_moved_policy(tmp_path, train_steps=6, **kwargs):
     return trainer
 
 
-@pytest.mark.parametrize("weights", [(1.0, 1.0), (1.6, 0.4)])
+@pytest.mark.parametrize("weights", [
+    (1.0, 1.0),
+    pytest.param((1.6, 0.4), marks=pytest.mark.diagnostics_expected),  # unbalanced on purpose: KTO_WEIGHT_IMBALANCE
+])
 def test_loss_kl_and_rewards_match_a_naive_computation(tmp_path, weights):
     trainer = _trainer_with_moved_policy(tmp_path, desirable_weight=weights[0], undesirable_weight=weights[1], beta=0.5)
     rows = [trainer.train_dataset[i] for i in range(5)]
@@ -202,6 +205,7 @@ def test_eval_metrics_are_averaged_over_rows_even_with_single_kind_batches(tmp_p
     assert metrics["eval_num_tokens"] == sum(len(r["prompt_input_ids"]) + len(r["completion_input_ids"]) for r in rows)
 
 
+@pytest.mark.diagnostics_expected  # desirable rows only, on purpose: KTO_WEIGHT_IMBALANCE
 def test_a_window_of_only_desirable_rows_logs_no_rejected_or_margin(tmp_path):
     model, tok = tiny_model()
     data = Dataset.from_dict({"prompt": ["What is 1 + 1?", "What is 2 + 2?"] * 2, "completion": [" 2", " 4"] * 2,
@@ -336,6 +340,7 @@ def test_moe_router_loss_is_added_with_its_coefficient(tmp_path):
 # ---- data ----------------------------------------------------------------------------------------
 
 
+@pytest.mark.diagnostics_expected  # batches of 2 rows (3 pairs) are too small for the KL estimate: KTO_BATCH_TOO_SMALL
 def test_paired_data_becomes_unpaired_rows_in_blocks(tmp_path):
     model, tok = tiny_model()
     paired = Dataset.from_dict({
@@ -366,6 +371,7 @@ def test_paired_data_becomes_unpaired_rows_in_blocks(tmp_path):
     ]
 
 
+@pytest.mark.diagnostics_expected  # truncates on purpose, in batches of 2: DATA_TRUNCATION, KTO_BATCH_TOO_SMALL
 def test_truncation_limits_prompt_completion_and_total(tmp_path):
     model, tok = tiny_model()
     long_prompt = "one two three four five six seven eight nine ten eleven twelve"
@@ -420,6 +426,7 @@ def test_too_small_batches_are_refused_with_the_fix(tmp_path):
         collator([{"prompt_input_ids": [1, 2], "completion_input_ids": [3], "label": True}])
 
 
+@pytest.mark.diagnostics_expected  # 6 desirable rows for 2 undesirable, on purpose: KTO_WEIGHT_IMBALANCE
 def test_label_imbalance_warning_suggests_weights(tmp_path, caplog):
     model, tok = tiny_model()
     data = Dataset.from_dict({"prompt": ["q"] * 8, "completion": [" a"] * 8, "label": [True] * 6 + [False] * 2})
