@@ -93,6 +93,7 @@ def test_help_lists_the_grpo_options_by_section(capsys: pytest.CaptureFixture[st
     assert "GRPO: reward functions and tools:" in out
 
 
+@pytest.mark.diagnostics_expected  # a toy task learned to one answer: entropy collapses and updates clip, as diagnosed
 def test_grpo_from_yaml_learns_with_a_reward_from_a_file(tmp_path: Path, tiny_model_dir: Path, train_file: Path,
                                                          reward_file: Path, capsys: pytest.CaptureFixture[str]) -> None:
     out = tmp_path / "out"

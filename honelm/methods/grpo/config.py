@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Literal
 
 from transformers import TrainingArguments
+
+from honelm.diagnostics.codes import normalize_settings
 
 from .loss import (
     IMPORTANCE_SAMPLING_LEVELS,
@@ -272,6 +274,34 @@ class GRPOConfig(TrainingArguments):
         default=None, metadata={"help": "How many completions `log_completions` prints; `None`: 8."}
     )
 
+    # ---- Diagnostics -------------------------------------------------------------------------
+    diagnostics: bool = field(
+        default=True,
+        metadata={
+            "help": "Watch the run's metrics and the machine and report recognized problems (e.g. groups whose "
+            "rewards are all equal, collapsing entropy, completions cut at the length limit): on the console, in "
+            "`output_dir/diagnostics.jsonl` and as `diagnostics/*` metrics. See docs/diagnostics.md."
+        },
+    )
+    diagnostics_stop_on: Literal["error", "critical"] | None = field(
+        default=None,
+        metadata={
+            "help": "Stop training when a problem of this severity is found (`critical`, or `error` for errors "
+            "and critical problems), after saving a checkpoint. `None`: report only."
+        },
+    )
+    diagnostics_thresholds: dict[str, Any] | None = field(
+        default=None,
+        metadata={
+            "help": "Per-code thresholds: a number sets the code's main threshold, a mapping sets them by name, "
+            "e.g. `{\"LOSS_DIVERGING\": {\"ratio\": 3}}`."
+        },
+    )
+    diagnostics_silence: list[str] | None = field(
+        default=None,
+        metadata={"help": "Diagnostic codes never to report, e.g. `SYS_LOW_MEMORY_USE`."},
+    )
+
     # ---- Defaults that differ from TrainingArguments -----------------------------------------
     learning_rate: float = field(default=1e-6, metadata={"help": "Initial AdamW learning rate."})
     logging_steps: float = field(default=10, metadata={"help": "Log every N steps (or fraction)."})
@@ -294,6 +324,7 @@ class GRPOConfig(TrainingArguments):
         _check_choice("vllm_mode", self.vllm_mode, _VLLM_MODES)
         _check_choice("vllm_importance_sampling_mode", self.vllm_importance_sampling_mode, SAMPLING_CORRECTIONS)
         _check_values(self)
+        normalize_settings(self, "GRPOConfig")  # unknown codes, thresholds, levels: clear errors
         super().__post_init__()
         self._resolve_generation_batch()
 

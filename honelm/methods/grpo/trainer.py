@@ -35,6 +35,7 @@ from torch.utils.data import DataLoader, Sampler
 from transformers import AutoTokenizer, Trainer, TrainerCallback, set_seed
 
 from honelm.data import validate_dataset
+from honelm.diagnostics.callback import attach_diagnostics
 from honelm.generation import (
     SamplingParams,
     TransformersBackend,
@@ -200,6 +201,7 @@ class GRPOTrainer(Trainer):
             _check_prompts(dataset, split)
         self._dataset_name = _dataset_name(train_dataset)
 
+        output_dir_existed = os.path.isdir(args.output_dir)
         super().__init__(
             model=model,
             args=args,
@@ -231,6 +233,9 @@ class GRPOTrainer(Trainer):
             self.add_callback(_SyncReferenceCallback(self))
         if hasattr(self.model, "add_model_tags"):
             self.model.add_model_tags(self._tag_names)
+        # Runtime diagnostics (reward spread, entropy, clipping, lengths, timings); prompt-only
+        # data has no targets for the pre-flight checks to read.
+        self.diagnostics = attach_diagnostics(self, "grpo", output_dir_existed=output_dir_existed)
 
     # ---- setup ----------------------------------------------------------------------------
 

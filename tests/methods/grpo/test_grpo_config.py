@@ -27,7 +27,10 @@ def test_field_names_and_defaults_match_trl():
         if name in _DIFFERENT:
             continue
         assert ours[name].default == theirs[name].default, (name, ours[name].default, theirs[name].default)
-    assert sorted(own - set(theirs)) == ["max_prompt_length", "tool_timeout"]
+    assert sorted(own - set(theirs)) == [
+        "diagnostics", "diagnostics_silence", "diagnostics_stop_on", "diagnostics_thresholds",
+        "max_prompt_length", "tool_timeout",
+    ]
     for name in ("loss_type", "beta", "num_generations", "epsilon_high", "vllm_importance_sampling_mode", "entropy_coef"):
         assert name in shared
 
