@@ -1,6 +1,7 @@
 """A pytest plugin that fails any test during which diagnostics report a warning or worse.
 
-Healthy toy training runs must raise no warning. Enable it for a trainer's test files:
+Healthy toy training runs must raise no warning. tests/conftest.py enables it for the whole
+suite; to use it elsewhere:
 
     python -m pytest -p tests.diagnostics.strict_plugin tests/methods/sft/test_sft_trainer.py
 
